@@ -1,0 +1,1 @@
+"""Speaker-aware dynamic prompts on a frozen WavLM, for SpeechBrain."""
