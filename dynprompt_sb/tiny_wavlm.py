@@ -65,8 +65,9 @@ def wavlm_config(style="large", **overrides):
     1024
     """
     if style in ("base-plus", "large-full"):
-        fields = dict(RELEASED_SIZES["large" if style == "large-full"
-                                     else "base-plus"])
+        fields = dict(
+            RELEASED_SIZES["large" if style == "large-full" else "base-plus"]
+        )
     elif style in ("base", "large"):
         stable = style == "large"
         fields = dict(
