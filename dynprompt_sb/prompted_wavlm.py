@@ -405,6 +405,9 @@ def load_wavlm(source, save_path=None):
             )
         with open(config_path, encoding="utf-8") as config_file:
             model_type = json.load(config_file).get("model_type")
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        # Not a hub id ("owner/name"): a local folder that is not there.
+        raise FileNotFoundError(f"WavLM source folder {source!r} not found.")
     else:
         model_type = AutoConfig.from_pretrained(
             source, cache_dir=save_path

@@ -274,6 +274,8 @@ def test_bad_input_names_the_value(large_folder, tmp_path):
         PromptedWavLM(large_folder, prompt_mode="deep")
     with pytest.raises(FileNotFoundError, match="config.json"):
         PromptedWavLM(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        PromptedWavLM(str(tmp_path / "missing"))
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "wav2vec2"}')
