@@ -24,7 +24,7 @@ import os
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, WavLMModel
+from transformers import AutoConfig, AutoFeatureExtractor, WavLMModel
 
 from dynprompt_sb.audio import MIN_SAMPLES
 from dynprompt_sb.prompt_pool import PromptPool
@@ -78,6 +78,12 @@ class PromptedWavLM(nn.Module):
         True (correct): prompt frames are marked valid in the padding
         mask. False (released code): no padding mask reaches the layers,
         so padded frames are attended to.
+    normalize_wav : bool, optional
+        Normalise each waveform to zero mean and unit variance over its
+        valid samples before the CNN, as WavLM Large was trained (its
+        feature extractor sets ``do_normalize``). None (default): follow
+        the ``do_normalize`` of the source's preprocessor_config.json,
+        False where the source has none.
 
     Example
     -------
@@ -106,6 +112,7 @@ class PromptedWavLM(nn.Module):
         gradient_checkpointing=False,
         prompt_frames_to_backend=False,
         extend_padding_mask=True,
+        normalize_wav=None,
     ):
         super().__init__()
         if prompt_mode not in PROMPT_MODES:
@@ -113,6 +120,9 @@ class PromptedWavLM(nn.Module):
                 f"prompt_mode={prompt_mode!r}: expected one of {PROMPT_MODES}."
             )
         self.wavlm = load_wavlm(source, save_path)
+        if normalize_wav is None:
+            normalize_wav = source_normalizes_wav(source, save_path)
+        self.normalize_wav = normalize_wav
         self.prompt_mode = prompt_mode
         self.freeze = freeze
         self.freeze_feature_extractor = freeze or freeze_feature_extractor
@@ -191,6 +201,8 @@ class PromptedWavLM(nn.Module):
         """
         sample_mask = self._check_input(wavs, wav_lens)
         wavlm, encoder = self.wavlm, self.wavlm.encoder
+        if self.normalize_wav:
+            wavs = normalize_waveforms(wavs, sample_mask)
 
         with torch.set_grad_enabled(
             torch.is_grad_enabled() and not self.freeze_feature_extractor
@@ -379,6 +391,69 @@ class PromptedWavLM(nn.Module):
             return None  # no padding: same as HF without a mask
         positions = torch.arange(wavs.shape[1], device=wavs.device)
         return (positions[None, :] < num_samples[:, None]).long()
+
+
+def normalize_waveforms(wavs, sample_mask=None, eps=1e-7):
+    """Zero mean, unit variance per waveform over its valid samples.
+
+    The statistics and ``eps`` are those of transformers'
+    Wav2Vec2FeatureExtractor, so a model sees what it was trained on;
+    padded samples stay zero.
+
+    Arguments
+    ---------
+    wavs : torch.Tensor
+        [batch, samples].
+    sample_mask : torch.Tensor, optional
+        [batch, samples], 1 on valid samples.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    normalized : torch.Tensor
+        [batch, samples].
+
+    Example
+    -------
+    >>> out = normalize_waveforms(torch.tensor([[1.0, 3.0, 0.0]]),
+    ...                           torch.tensor([[1, 1, 0]]))
+    >>> [round(v, 4) for v in out[0].tolist()]
+    [-1.0, 1.0, 0.0]
+    """
+    if sample_mask is None:
+        mean = wavs.mean(dim=1, keepdim=True)
+        var = wavs.var(dim=1, unbiased=False, keepdim=True)
+        return (wavs - mean) / torch.sqrt(var + eps)
+    mask = sample_mask.to(wavs.dtype)
+    count = mask.sum(dim=1, keepdim=True)
+    mean = (wavs * mask).sum(dim=1, keepdim=True) / count
+    var = ((wavs - mean) ** 2 * mask).sum(dim=1, keepdim=True) / count
+    normalized = (wavs - mean) / torch.sqrt(var + eps)
+    return normalized.masked_fill(sample_mask == 0, 0.0)
+
+
+def source_normalizes_wav(source, save_path=None):
+    """Whether a WavLM source expects normalised waveforms.
+
+    Reads ``do_normalize`` from the source's preprocessor_config.json
+    (True for microsoft/wavlm-large, False for the Base models); a source
+    without one (e.g. a folder holding only the model) gives False.
+    """
+    source = str(source)
+    if os.path.isdir(source):
+        path = os.path.join(source, "preprocessor_config.json")
+        if not os.path.isfile(path):
+            return False
+        with open(path, encoding="utf-8") as config_file:
+            return bool(json.load(config_file).get("do_normalize", False))
+    try:
+        extractor = AutoFeatureExtractor.from_pretrained(
+            source, cache_dir=save_path
+        )
+    except OSError:
+        return False
+    return bool(getattr(extractor, "do_normalize", False))
 
 
 def load_wavlm(source, save_path=None):

@@ -281,3 +281,34 @@ def test_bad_input_names_the_value(large_folder, tmp_path):
     (other / "config.json").write_text('{"model_type": "wav2vec2"}')
     with pytest.raises(ValueError, match="'wav2vec2'"):
         PromptedWavLM(str(other))
+
+
+def test_normalize_wav_follows_the_source_and_matches_hf(tmp_path):
+    from transformers import Wav2Vec2FeatureExtractor
+
+    folder = save_tiny_wavlm(tmp_path / "large", style="large")
+    assert not PromptedWavLM(folder, prompt_mode="none").normalize_wav
+    Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(folder)
+    model = PromptedWavLM(folder, prompt_mode="none").eval()
+    assert model.normalize_wav
+    torch.manual_seed(0)
+    wavs = 0.05 * torch.randn(2, 8000) + 0.3
+    wavs[1, 6000:] = 0
+    extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder)
+    inputs = extractor(
+        [wavs[0].numpy(), wavs[1, :6000].numpy()],
+        sampling_rate=16000,
+        padding=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    reference = WavLMModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = reference(
+            inputs.input_values,
+            attention_mask=inputs.attention_mask,
+            output_hidden_states=True,
+        ).hidden_states
+        hidden = model(wavs, torch.tensor([1.0, 6000 / 8000]))
+    for mine, theirs in zip(hidden, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
