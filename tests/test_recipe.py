@@ -407,3 +407,29 @@ def test_verify_awkward_audio_and_corrupt_file(setup, debug_run, tmp_path):
     assert f"{trials}, line 3: cannot read {wav / 's2/b/zeros.wav'}" in (
         result.stderr
     )
+
+
+def test_half_written_checkpoint_is_set_aside(tmp_path, monkeypatch):
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    monkeypatch.syspath_prepend(RECIPE)
+    from train import set_aside_broken_checkpoints
+
+    layer = torch.nn.Linear(3, 3)
+    counter = torch.nn.Linear(1, 1)
+    checkpointer = Checkpointer(
+        tmp_path, recoverables={"layer": layer, "counter": counter}
+    )
+    complete = checkpointer.save_checkpoint(name="complete").path
+    time.sleep(0.01)
+    newest = checkpointer.save_checkpoint(name="newest").path
+    data = (newest / "layer.ckpt").read_bytes()
+    (newest / "layer.ckpt").write_bytes(data[: len(data) // 2])
+    (newest / "counter.ckpt").unlink()
+
+    set_aside_broken_checkpoints(checkpointer)
+
+    assert not newest.exists()
+    assert (tmp_path / f"broken+{newest.name}" / "layer.ckpt").exists()
+    assert checkpointer.find_checkpoint().path == complete
+    checkpointer.recover_if_possible()  # loads the complete one

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import sys
+import zipfile
 from collections import defaultdict
 
 import speechbrain as sb
@@ -46,6 +47,49 @@ logger = get_logger(__name__)
 
 # Names of the score normalisations the test stage knows.
 SCORE_NORMS = ("none", "s-norm")
+
+
+def set_aside_broken_checkpoints(checkpointer):
+    """Renames checkpoints that a killed run left half-written.
+
+    SpeechBrain writes a checkpoint's CKPT.yaml before its files, so a run
+    killed while saving leaves a folder that recovery would pick and fail
+    to load. Such a folder (a recoverable's file missing, or a torch file
+    truncated) becomes ``broken+<name>``: kept for inspection, never loaded,
+    so the rerun resumes from the newest complete checkpoint.
+
+    Arguments
+    ---------
+    checkpointer : speechbrain.utils.checkpoints.Checkpointer
+        With all its recoverables registered.
+    """
+    for checkpoint in checkpointer.list_checkpoints():
+        folder = checkpoint.path
+        problems = []
+        for name in checkpointer.recoverables:
+            path = folder / f"{name}.ckpt"
+            if not path.is_file():
+                problems.append(f"{path.name} missing")
+            elif path.stat().st_size == 0:
+                problems.append(f"{path.name} empty")
+            elif _looks_like_torch_zip(path) and not zipfile.is_zipfile(path):
+                problems.append(f"{path.name} truncated")
+        if problems:
+            target = folder.with_name(f"broken+{folder.name}")
+            logger.warning(
+                "Checkpoint %s is incomplete (%s), probably from a run killed "
+                "while saving; moved to %s.",
+                folder,
+                ", ".join(problems),
+                target,
+            )
+            os.replace(folder, target)
+
+
+def _looks_like_torch_zip(path):
+    # torch.save writes zip archives; SpeechBrain's other savers write text.
+    with open(path, "rb") as checkpoint_file:
+        return checkpoint_file.read(2) == b"PK"
 
 
 class SpeakerBrain(sb.core.Brain):
@@ -146,6 +190,8 @@ class SpeakerBrain(sb.core.Brain):
         if self.checkpointer is not None:
             for name, optimizer in self.optimizers_dict.items():
                 self.checkpointer.add_recoverable(name, optimizer)
+            # Every recoverable is known now, just before recovery.
+            run_on_main(set_aside_broken_checkpoints, args=[self.checkpointer])
 
     def _wrap_distributed(self):
         """Wraps the modules in DDP, also on CPU.
