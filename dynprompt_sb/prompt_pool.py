@@ -133,7 +133,7 @@ class PromptPool(nn.Module):
             return self.keys
         return self.prompts.mean(dim=1)
 
-    def similarity(self, x, lengths=None):
+    def similarity(self, x, lengths=None, check_lengths=True):
         """Cosine similarity of every utterance's query to every key.
 
         Arguments
@@ -142,20 +142,24 @@ class PromptPool(nn.Module):
             Layer input, [batch, time, D].
         lengths : torch.Tensor, optional
             Relative lengths, [batch]; padded frames stay out of the query.
+        check_lengths : bool
+            Check that ``lengths`` lie in (0, 1]. Reading them back costs a
+            device synchronisation, so a caller that has checked them
+            already (``PromptedWavLM``, once per batch) turns it off.
 
         Returns
         -------
         similarity : torch.Tensor
             [batch, M].
         """
-        self._check_input(x, lengths)
+        self._check_input(x, lengths, check_lengths)
         query = masked_time_mean(x, lengths)
         return (
             F.normalize(query, dim=-1)
             @ F.normalize(self.prompt_keys(), dim=-1).T
         )
 
-    def select(self, x, lengths=None):
+    def select(self, x, lengths=None, check_lengths=True):
         """Indices of the N prompts for each utterance.
 
         Selection is a hard top-N, so no gradient flows through it.
@@ -166,6 +170,8 @@ class PromptPool(nn.Module):
             Layer input, [batch, time, D].
         lengths : torch.Tensor, optional
             Relative lengths in (0, 1], [batch].
+        check_lengths : bool
+            See ``similarity``.
 
         Returns
         -------
@@ -185,13 +191,13 @@ class PromptPool(nn.Module):
                 [2]])
         """
         with torch.no_grad():
-            similarity = self.similarity(x, lengths)
+            similarity = self.similarity(x, lengths, check_lengths)
             indices = similarity.topk(self.top_n, dim=1).indices
             if self.selection == "batch":
                 indices = self._batch_vote(indices, similarity)
         return indices
 
-    def forward(self, x, lengths=None):
+    def forward(self, x, lengths=None, check_lengths=True):
         """Selects prompts for each utterance and lays them out in time.
 
         Arguments
@@ -200,6 +206,8 @@ class PromptPool(nn.Module):
             Layer input, [batch, time, D].
         lengths : torch.Tensor, optional
             Relative lengths in (0, 1], [batch].
+        check_lengths : bool
+            See ``similarity``.
 
         Returns
         -------
@@ -208,7 +216,7 @@ class PromptPool(nn.Module):
         indices : torch.LongTensor
             [batch, N], the order of the prompts in ``prompts``.
         """
-        indices = self.select(x, lengths)
+        indices = self.select(x, lengths, check_lengths)
         batch = indices.shape[0]
         # [batch, N, T', D] -> [batch, N * T', D]
         prompts = self.prompts[indices].reshape(batch, self.num_frames, -1)
@@ -254,7 +262,7 @@ class PromptPool(nn.Module):
         winners = ranking.topk(self.top_n).indices
         return winners.unsqueeze(0).expand(batch, -1)
 
-    def _check_input(self, x, lengths):
+    def _check_input(self, x, lengths, check_lengths=True):
         if x.dim() != 3:
             raise ValueError(
                 f"PromptPool expects [batch, time, dim] input, got a tensor "
@@ -265,10 +273,10 @@ class PromptPool(nn.Module):
                 f"Input width {x.shape[-1]} does not match the pool's "
                 f"dim={self.dim}."
             )
-        if lengths is not None and (
-            lengths.shape != (x.shape[0],)
-            or bool((lengths <= 0).any())
-            or bool((lengths > 1).any())
+        if lengths is None:
+            return
+        if lengths.shape != (x.shape[0],) or (
+            check_lengths and bool(((lengths <= 0) | (lengths > 1)).any())
         ):
             raise ValueError(
                 f"lengths must be {x.shape[0]} relative lengths in (0, 1], "

@@ -8,11 +8,14 @@ Li, Mak, Lee, Meng, Interspeech 2024, section 2, in the paper's names:
         Z_i   = Layer_i([P_s1^i; ...; P_sN^i; X_{i-1}])   (N*T' + T frames)
         X_i   = Z_i without its first N*T' frames         (T frames)
 
-The layers are the pretrained ones, called one by one, so both of WavLM's
-encoder kinds work: Base/Base+ (post-LN, ``WavLMEncoder``) and Large (pre-LN,
-``WavLMEncoderStableLayerNorm``). Layer 1 builds the relative position bias
-for the sequence it sees, N*T' + T frames, and the later layers reuse it;
-the padding mask is extended with "valid" for the prompt frames.
+The layers are the pretrained ones, called one by one through
+``dynprompt_sb.wavlm_layer``, so both of WavLM's encoder kinds work:
+Base/Base+ (post-LN, ``WavLMEncoder``) and Large (pre-LN,
+``WavLMEncoderStableLayerNorm``). Since Z_i's prompt frames are dropped,
+a layer computes outputs for the T utterance frames only, with the N*T'
+prompt frames as extra keys and values. The relative position bias is
+built once for N*T' + T frames, from layer 1's embedding as in WavLM; the
+padding mask is extended with "valid" for the prompt frames.
 
 Authors
  * dynprompt-sb contributors 2026
@@ -28,6 +31,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, WavLMModel
 
 from dynprompt_sb.audio import MIN_SAMPLES
 from dynprompt_sb.prompt_pool import PromptPool
+from dynprompt_sb.wavlm_layer import relative_position_bias, run_wavlm_layer
 
 PROMPT_MODES = ("dynamic", "static", "none")
 
@@ -229,25 +233,38 @@ class PromptedWavLM(nn.Module):
         frame_lens = None
         if frame_mask is not None:
             frame_lens = frame_mask.sum(dim=1) / frame_mask.shape[1]
-        attention_mask = self._layer_mask(frame_mask, hidden.shape[0])
+        num_frames = self.num_prompt_frames + hidden.shape[1]  # S
+        key_mask = self._key_mask(frame_mask, hidden.shape[0])
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and not self.freeze
+        ):
+            position_bias = relative_position_bias(
+                encoder.layers[0].attention, num_frames
+            )
+        # Prompt frames are dropped after each layer, so only the utterance
+        # frames need queries, unless the back-end gets the prompt frames.
+        query_start = (
+            0 if self.prompt_frames_to_backend else (self.num_prompt_frames)
+        )
 
         # X_0 is handed on as is, or (released code) as layer 1 sees it.
         states = [] if self.prompt_frames_to_backend else [hidden]
-        position_bias = None  # built by layer 1, for N*T' + T frames
         self._key_loss = hidden.new_zeros(())
         for i, layer in enumerate(encoder.layers):
             prompts = self._layer_prompts(i, hidden, frame_lens)
-            layer_input = hidden  # [batch, N*T' + T, D] once prompted
+            layer_input = hidden  # [batch, S, D] once prompted
             if prompts is not None:
                 layer_input = torch.cat([prompts, hidden], dim=1)
             if self.prompt_frames_to_backend and i == 0:
                 states.append(layer_input)
-            output = layer_input  # Z_i, unless LayerDrop skips the layer
-            if not self._skip_layer(i):
-                output, position_bias = self._run_layer(
-                    layer, layer_input, attention_mask, position_bias
+            if self._skip_layer(i):
+                output = layer_input[:, query_start:]
+            else:
+                output = self._run_layer(
+                    layer, layer_input, position_bias, key_mask, query_start
                 )
-            hidden = output[:, self.num_prompt_frames :]  # X_i
+            # output: Z_i from query_start on, [batch, S - query_start, D]
+            hidden = output[:, self.num_prompt_frames - query_start :]  # X_i
             states.append(output if self.prompt_frames_to_backend else hidden)
         return torch.stack(states)
 
@@ -312,41 +329,46 @@ class PromptedWavLM(nn.Module):
         if self.prompt_mode != "dynamic":
             return None
         pool = self.pools[i % len(self.pools)]
-        prompts, indices = pool(hidden, frame_lens)
+        # frame_lens come from the checked wav_lens: checking them again
+        # in every layer would synchronise a GPU 2L times per batch.
+        prompts, indices = pool(hidden, frame_lens, check_lengths=False)
         with torch.no_grad():
-            self.usage[i] += torch.bincount(
-                indices.flatten(), minlength=pool.num_prompts
-            )
+            # index_add_, not bincount, which reads its input's maximum
+            # back to the host and so synchronises.
+            picks = indices.flatten()
+            self.usage[i].index_add_(0, picks, torch.ones_like(picks))
         if pool.key == "learnable":
             self._key_loss = self._key_loss + pool.pull_loss(
                 hidden, indices, frame_lens
             )
         return prompts.to(hidden.dtype)
 
-    def _layer_mask(self, frame_mask, batch):
-        """Padding mask for the layers, [batch, N*T' + T], or None."""
+    def _key_mask(self, frame_mask, batch):
+        """Frames that may be attended to, bool [batch, S], or None."""
         if frame_mask is None or not self.extend_padding_mask:
             return None
         prompt_mask = frame_mask.new_ones(batch, self.num_prompt_frames)
         return torch.cat([prompt_mask, frame_mask], dim=1)
 
-    def _run_layer(self, layer, layer_input, attention_mask, position_bias):
+    def _run_layer(
+        self, layer, layer_input, position_bias, key_mask, query_start
+    ):
         if (
             self.gradient_checkpointing
             and self.training
-            and (torch.is_grad_enabled())
+            and torch.is_grad_enabled()
         ):
             return checkpoint(
+                run_wavlm_layer,
                 layer,
                 layer_input,
-                attention_mask,
                 position_bias,
+                key_mask,
+                query_start,
                 use_reentrant=False,
             )
-        return layer(
-            layer_input,
-            attention_mask=attention_mask,
-            position_bias=position_bias,
+        return run_wavlm_layer(
+            layer, layer_input, position_bias, key_mask, query_start
         )
 
     def _skip_layer(self, i):

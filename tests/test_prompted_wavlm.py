@@ -1,5 +1,7 @@
 """Tests for PromptedWavLM on tiny WavLM folders written offline."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import WavLMModel
@@ -72,6 +74,51 @@ def test_padded_batch_matches_each_utterance_alone(large_folder, prompt_mode):
         torch.testing.assert_close(
             batch[:, b, :frames], alone[b][:, 0], atol=1e-4, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("prompt_mode", ["dynamic", "static"])
+def test_prompted_states_equal_hf_layers_on_the_whole_sequence(
+    wavlm_folder, prompt_mode
+):
+    # The encoder computes outputs for the utterance frames only; HF's
+    # layers, run on [prompts; X_{i-1}] and cut after each layer, are the
+    # reference, for values and prompt gradients.
+    torch.manual_seed(0)
+    model = PromptedWavLM(wavlm_folder, prompt_mode=prompt_mode, **POOL)
+    model.train()
+    wavs, wav_lens = torch.randn(2, 8000), torch.tensor([1.0, 0.6])
+    states = model(wavs, wav_lens)
+    states[1:].pow(2).mean().backward()
+    prompts = model.pools[0].prompts if model.pools else model.static_prompts
+    my_grad, prompts.grad = prompts.grad, None
+
+    sample_mask = (torch.arange(8000) < wav_lens[:, None] * 8000).long()
+    frame_mask = model.wavlm._get_feature_vector_attention_mask(
+        states.shape[2], sample_mask
+    )
+    frame_lens = frame_mask.sum(dim=1) / frame_mask.shape[1]
+    num_prompt_frames = POOL["top_n"] * POOL["prompt_len"]
+    layer_mask = torch.cat(
+        [torch.ones(2, num_prompt_frames, dtype=torch.long), frame_mask], 1
+    )
+    hidden = states[0].detach()
+    position_bias, reference = None, [hidden]
+    for i, layer in enumerate(model.wavlm.encoder.layers):
+        if prompt_mode == "dynamic":
+            layer_prompts, _ = model.pools[0](hidden, frame_lens)
+        else:
+            layer_prompts = model.static_prompts[i].expand(2, -1, -1)
+        output, position_bias = layer(
+            torch.cat([layer_prompts, hidden], dim=1),
+            attention_mask=layer_mask,
+            position_bias=position_bias,
+        )
+        hidden = output[:, num_prompt_frames:]
+        reference.append(hidden)
+    reference = torch.stack(reference)
+    reference[1:].pow(2).mean().backward()
+    torch.testing.assert_close(states, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(my_grad, prompts.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_dynamic_gradients_and_frozen_backbone(wavlm_folder):
@@ -312,3 +359,31 @@ def test_normalize_wav_follows_the_source_and_matches_hf(tmp_path):
         hidden = model(wavs, torch.tensor([1.0, 6000 / 8000]))
     for mine, theirs in zip(hidden, expected, strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("prompt_mode", ["dynamic", "static"])
+def test_layers_do_not_synchronise_the_gpu(tmp_path, prompt_mode):
+    # Input checks read back a few values once per batch; nothing in the
+    # layer loop may, or each layer would stall the GPU's queue.
+    synchronisations = []
+    for layers in (2, 6):
+        folder = save_tiny_wavlm(tmp_path / str(layers), num_hidden_layers=6)
+        model = PromptedWavLM(folder, prompt_mode=prompt_mode, **POOL)
+        model = model.cuda().train()
+        wavs = torch.randn(2, 8000, device="cuda")
+        wav_lens = torch.tensor([1.0, 0.7], device="cuda")
+        model.wavlm.encoder.layers = model.wavlm.encoder.layers[:layers]
+        model(wavs, wav_lens)  # warm-up: lazy initialisation may sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model(wavs, wav_lens).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        synchronisations.append(
+            sum("synchroniz" in str(w.message) for w in caught)
+        )
+    assert synchronisations[0] == synchronisations[1]
