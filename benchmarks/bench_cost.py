@@ -825,21 +825,21 @@ def check_targets(ratios, sizes, seconds):
     short, long = min(seconds), max(seconds)
     checks = [
         (1, "dynamic train step / full FT", "dynamic/full train time",
-         "dynamic/full train CPU time", "train_time", [short]),
+         "dynamic/full train CPU time", "CPU time", "train_time", [short]),
         (2, "dynamic peak memory / full FT", "dynamic/full peak memory",
-         None, "train_memory", [short]),
+         None, None, "train_memory", [short]),
         (3, "dynamic+ckpt peak memory / full FT",
-         "dynamic+ckpt/full peak memory", None, "ckpt_memory", [long]),
+         "dynamic+ckpt/full peak memory", None, None, "ckpt_memory", [long]),
         (4, "dynamic inference / none on +15 frames, paired calls",
          "dynamic/none+15f inference, paired", "dynamic/none+15f inference",
-         "infer_floor", seconds),
+         "timed in separate processes", "infer_floor", seconds),
         (5, "prompt selection / encoder forward",
          "selection share of forward", "selection share (medians)",
-         "selection_share", seconds),
+         "medians", "selection_share", seconds),
     ]  # fmt: skip
     targets = []
     for size in sizes:
-        for number, label, name, steady, limit_key, lengths in checks:
+        for number, label, name, steady, kind, limit_key, lengths in checks:
             limit = TARGETS[limit_key]
             values = {s: ratios[size][s].get(name) for s in lengths}
             known = [v for v in values.values() if v is not None]
@@ -857,9 +857,6 @@ def check_targets(ratios, sizes, seconds):
                 steady_values = {
                     s: ratios[size][s].get(steady) for s in lengths
                 }
-                kind = "medians" if percent else "CPU time"
-                if number == 4:
-                    kind = "timed in separate processes"
                 shown += f" [{kind}: " + ", ".join(
                     _format_ratio(v, percent) for v in steady_values.values()
                 )

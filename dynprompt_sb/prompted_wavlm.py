@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, WavLMModel
 
 from dynprompt_sb.audio import MIN_SAMPLES
 from dynprompt_sb.prompt_pool import PromptPool
-from dynprompt_sb.wavlm_layer import relative_position_bias, run_wavlm_layer
+from dynprompt_sb.wavlm_layer import run_wavlm_layer
 
 PROMPT_MODES = ("dynamic", "static", "none")
 
@@ -238,14 +238,15 @@ class PromptedWavLM(nn.Module):
         with torch.set_grad_enabled(
             torch.is_grad_enabled() and not self.freeze
         ):
-            position_bias = relative_position_bias(
-                encoder.layers[0].attention, num_frames
+            # [heads, S, S], from layer 1's embedding, shared by all layers
+            position_bias = encoder.layers[0].attention.compute_bias(
+                num_frames, num_frames
             )
         # Prompt frames are dropped after each layer, so only the utterance
         # frames need queries, unless the back-end gets the prompt frames.
-        query_start = (
-            0 if self.prompt_frames_to_backend else (self.num_prompt_frames)
-        )
+        query_start = self.num_prompt_frames
+        if self.prompt_frames_to_backend:
+            query_start = 0
 
         # X_0 is handed on as is, or (released code) as layer 1 sees it.
         states = [] if self.prompt_frames_to_backend else [hidden]

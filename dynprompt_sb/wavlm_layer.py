@@ -29,34 +29,6 @@ from transformers.models.wavlm.modeling_wavlm import (
 )
 
 
-def relative_position_bias(attention, num_frames):
-    """WavLM's relative position bias for a sequence, before gating.
-
-    Arguments
-    ---------
-    attention : transformers WavLMAttention
-        The attention of WavLM's first layer, the one that holds the
-        relative position embedding.
-    num_frames : int
-        S, frames of the sequence (prompt frames included).
-
-    Returns
-    -------
-    bias : torch.Tensor
-        [heads, S, S]: bias[h, i, j] for query frame i and key frame j.
-
-    Example
-    -------
-    >>> from transformers import WavLMConfig, WavLMModel
-    >>> config = WavLMConfig(hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)
-    >>> first = WavLMModel(config).encoder.layers[0].attention
-    >>> relative_position_bias(first, 7).shape
-    torch.Size([2, 7, 7])
-    """
-    return attention.compute_bias(num_frames, num_frames)
-
-
 def run_wavlm_layer(
     layer, layer_input, position_bias, key_mask=None, query_start=0
 ):
@@ -70,7 +42,8 @@ def run_wavlm_layer(
         [batch, S, D], the whole sequence the layer attends over, e.g.
         N*T' prompt frames followed by T utterance frames.
     position_bias : torch.Tensor
-        [heads, S, S], from ``relative_position_bias``.
+        [heads, S, S], WavLM's relative position bias before gating, from
+        the first layer's ``attention.compute_bias(S, S)``.
     key_mask : torch.Tensor, optional
         [batch, S], bool, True on frames that may be attended to; padded
         frames never enter a key.
@@ -91,7 +64,7 @@ def run_wavlm_layer(
     ...                      num_attention_heads=2, intermediate_size=64)
     >>> layer = WavLMModel(config).encoder.layers[0]
     >>> sequence = torch.randn(2, 10, 32)  # 4 prompt frames, 6 frames
-    >>> bias = relative_position_bias(layer.attention, 10)
+    >>> bias = layer.attention.compute_bias(10, 10)  # [heads, S, S]
     >>> run_wavlm_layer(layer, sequence, bias, query_start=4).shape
     torch.Size([2, 6, 32])
     """

@@ -5,7 +5,7 @@ import torch
 from transformers import WavLMModel
 
 from dynprompt_sb.tiny_wavlm import wavlm_config
-from dynprompt_sb.wavlm_layer import relative_position_bias, run_wavlm_layer
+from dynprompt_sb.wavlm_layer import run_wavlm_layer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -19,9 +19,7 @@ def encoder(request):
 
 def hf_layer_output(layer, sequence, bias, key_mask):
     """HF's layer on the whole sequence, [batch, S, D]."""
-    batch, heads = sequence.shape[0], bias.shape[0]
-    repeated = bias.repeat(batch, 1, 1)  # [batch * heads, S, S]
-    assert repeated.shape[0] == batch * heads
+    repeated = bias.repeat(sequence.shape[0], 1, 1)  # [batch * heads, S, S]
     mask = None if key_mask is None else key_mask.long()
     output, _ = layer(sequence, attention_mask=mask, position_bias=repeated)
     return output
@@ -48,13 +46,13 @@ def test_outputs_and_gradients_equal_hf(
         key_mask[2, 9:] = False
     first = encoder.layers[0].attention
 
-    bias = relative_position_bias(first, 24)
+    bias = first.compute_bias(24, 24)
     theirs = hf_layer_output(layer, sequence, bias, key_mask)[:, query_start:]
     upstream = torch.randn_like(theirs)
     their_grads = torch.autograd.grad(
         (theirs * upstream).sum(), [sequence, *layer.parameters()]
     )
-    bias = relative_position_bias(first, 24)  # a graph of its own
+    bias = first.compute_bias(24, 24)  # a graph of its own
     mine = run_wavlm_layer(layer, sequence, bias, key_mask, query_start)
     my_grads = torch.autograd.grad(
         (mine * upstream).sum(), [sequence, *layer.parameters()]
@@ -75,7 +73,7 @@ def test_padded_keys_do_not_matter(encoder):
     sequence = torch.randn(1, 24, encoder.config.hidden_size)
     key_mask = torch.ones(1, 24, dtype=torch.bool)
     key_mask[0, 18:] = False
-    bias = relative_position_bias(encoder.layers[0].attention, 24)
+    bias = encoder.layers[0].attention.compute_bias(24, 24)
     changed = sequence.clone()
     changed[0, 18:] = 100.0
     with torch.no_grad():
@@ -88,7 +86,7 @@ def test_attention_dropout_acts_only_in_training(encoder):
     layer = encoder.layers[1]
     layer.attention.dropout = 0.5
     sequence = torch.randn(2, 24, encoder.config.hidden_size)
-    bias = relative_position_bias(encoder.layers[0].attention, 24)
+    bias = encoder.layers[0].attention.compute_bias(24, 24)
     try:
         with torch.no_grad():
             layer.eval()
